@@ -70,6 +70,21 @@ def forward(net: Network, x: Tensor) -> Tensor:
     return h
 
 
+def layer_io(net: Network, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, its input ``a`` ``(P, N, fan_in)`` and pre-activation ``z = a W^T + b``
+    ``(P, N, fan_out)``, in order; the last ``z`` is the output of :func:`forward`."""
+    act = ACTIVATIONS[net.activation]
+    h = x.expand(net.n_configs, *x.shape[-2:])
+    io = []
+    for w, b in zip(net.weights, net.biases):
+        z = h @ w.transpose(-1, -2)
+        if b is not None:
+            z = z + b[:, None, :]
+        io.append((h, z))
+        h = act(z)
+    return io
+
+
 def trainable_weights(net: Network) -> dict[str, Tensor]:
     """The trained weight matrices by layer name, each ``(P, fan_out, fan_in)``."""
     return {n: w for n, w, t in zip(net.names, net.weights, net.trainable) if t}
