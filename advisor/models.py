@@ -17,6 +17,12 @@ from torch import Tensor
 from advisor.errors import require, require_choice
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda z: z}
+# d act / d z written in terms of the activation's output a = act(z)
+ACTIVATION_SLOPES = {
+    "tanh": lambda a: 1 - a.square(),
+    "relu": lambda a: (a > 0).to(a.dtype),
+    "identity": lambda a: torch.ones_like(a),
+}
 
 
 @dataclass
@@ -58,30 +64,22 @@ class Network:
 
 def forward(net: Network, x: Tensor) -> Tensor:
     """Outputs ``(P, N, n_out)`` for inputs ``(N, d)`` (shared) or ``(P, N, d)``."""
-    act = ACTIVATIONS[net.activation]
-    h = x
-    last = len(net.weights) - 1
-    for i, (w, b) in enumerate(zip(net.weights, net.biases)):
-        h = h @ w.transpose(-1, -2)
-        if b is not None:
-            h = h + b[:, None, :]
-        if i < last:
-            h = act(h)
-    return h
+    return layer_io(net, x)[-1][1]
 
 
 def layer_io(net: Network, x: Tensor) -> list[tuple[Tensor, Tensor]]:
     """Per layer, its input ``a`` ``(P, N, fan_in)`` and pre-activation ``z = a W^T + b``
-    ``(P, N, fan_out)``, in order; the last ``z`` is the output of :func:`forward`."""
+    ``(P, N, fan_out)``, in order; the last ``z`` is the network's output."""
     act = ACTIVATIONS[net.activation]
-    h = x.expand(net.n_configs, *x.shape[-2:])
+    a = x.expand(net.n_configs, *x.shape[-2:])
     io = []
-    for w, b in zip(net.weights, net.biases):
-        z = h @ w.transpose(-1, -2)
+    for i, (w, b) in enumerate(zip(net.weights, net.biases)):
+        z = a @ w.transpose(-1, -2)
         if b is not None:
             z = z + b[:, None, :]
-        io.append((h, z))
-        h = act(z)
+        io.append((a, z))
+        if i < len(net.weights) - 1:
+            a = act(z)
     return io
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from advisor.errors import require, require_choice
-from advisor.models import Network, forward
+from advisor.models import ACTIVATION_SLOPES, Network, forward, layer_io
 
 LOSSES = ("mse", "cross_entropy")
 Observer = Callable[[int, Network], None]
@@ -73,6 +73,32 @@ def check_hyperparameters(lr: Tensor, batch_size: int, n_train: int, loss: str) 
     require_choice(loss, "train.loss", LOSSES)
 
 
+def loss_and_grads(
+    net: Network, x: Tensor, targets: Tensor, labels: Tensor | None, kind: str
+) -> tuple[Tensor, list[Tensor]]:
+    """Losses ``(P,)`` and their gradients, in ``net.parameters()`` order, by batched
+    backpropagation written out (no autograd graph: the per-step cost of a probe grid is
+    dominated by the number of tensor operations, not by their size)."""
+    io = layer_io(net, x)
+    out = io[-1][1]
+    lp = loss_per_config(out, targets, labels, kind)
+    # d loss / d out: mse -> (out - y) / B; cross-entropy -> (softmax(out) - onehot) / B
+    g = (out - targets if kind == "mse" else out.softmax(-1) - targets) / out.shape[1]
+    first = net.trainable.index(True)
+    slope = ACTIVATION_SLOPES[net.activation]
+    w_grads: dict[int, Tensor] = {}
+    b_grads: dict[int, Tensor] = {}
+    for i in reversed(range(first, len(io))):
+        a = io[i][0]
+        if net.trainable[i]:
+            w_grads[i] = g.transpose(-1, -2) @ a
+            if net.biases[i] is not None:
+                b_grads[i] = g.sum(1)
+        if i > first:
+            g = (g @ net.weights[i]) * slope(a)
+    return lp, [w_grads[i] for i in sorted(w_grads)] + [b_grads[i] for i in sorted(b_grads)]
+
+
 def sgd(
     net: Network,
     x: Tensor,
@@ -88,64 +114,66 @@ def sgd(
     blowup: float = 1e6,
     observe: Observer | None = None,
     progress: str | None = None,
+    source: Tensor | None = None,
 ) -> TrainResult:
     """Train every configuration of ``net`` for ``steps`` minibatch steps.
 
-    ``x``/``targets``/``labels`` are shared ``(N, ...)`` or per configuration
-    ``(P, N, ...)``; ``lr`` is a scalar or ``(P,)``; ``seeds`` fixes each configuration's
-    data order. ``observe(step, net)`` is called before the first step (``step = 0``)
-    and after every step. ``progress`` is the label of a progress bar (None: no bar).
+    ``x``/``targets``/``labels`` are one shared data set ``(N, ...)`` or a stack of data
+    sets ``(S, N, ...)``, configuration ``p`` using ``source[p]``; ``targets`` are the
+    regression targets (one-hot rows for classification). ``lr`` is a scalar or ``(P,)``;
+    ``seeds`` fixes each configuration's data order. ``observe(step, net)`` is called
+    before the first step (``step = 0``) and after every step. ``progress`` labels a
+    progress bar (None: no bar).
     """
     p_count = net.n_configs
     n_train = x.shape[-2]
-    dev = net.weights[0].device
-    lr = torch.as_tensor(lr, dtype=net.weights[0].dtype, device=dev).expand(p_count).clone()
+    dev, dtype = net.weights[0].device, net.weights[0].dtype
+    lr = torch.as_tensor(lr, dtype=dtype, device=dev).expand(p_count).clone()
     check_hyperparameters(lr, batch_size, n_train, loss)
     require(loss == "mse" or labels is not None, "train.loss", "mse for a regression dataset", loss)
+    stacked = x.ndim == 3
+    if not stacked:
+        x, targets = x[None], targets[None]
+    src = (source if source is not None else torch.zeros(p_count, dtype=torch.long)).to(dev)[:, None]
     orders = data_orders(n_train, seeds, dev)
     n_batches = n_train // batch_size
-    configs = torch.arange(p_count, device=dev)[:, None]
-
-    def rows(t: Tensor, idx: Tensor) -> Tensor:
-        return t[idx] if x.ndim == 2 else t[configs, idx]
-
-    params = [t.detach().clone().requires_grad_(True) for t in net.parameters()]
+    params = [t.detach().clone() for t in net.parameters()]
     velocity = [torch.zeros_like(t) for t in params] if momentum else []
     alive = torch.ones(p_count, dtype=torch.bool, device=dev)
-    losses = torch.full((p_count, steps), float("nan"), dtype=torch.float32)
-    grad_norms = torch.full((p_count, steps), float("nan"), dtype=torch.float32)
-    diverged_at = torch.full((p_count,), -1, dtype=torch.long)
+    losses = torch.empty(p_count, steps, dtype=dtype, device=dev)
+    grad_sq = torch.zeros(p_count, steps, dtype=dtype, device=dev)
     current = net.with_parameters(params)
     if observe:
         observe(0, current)
     for step in tqdm(range(steps), desc=progress, disable=progress is None, leave=False):
         k = step % n_batches
         idx = orders[:, k * batch_size : (k + 1) * batch_size]
-        out = forward(current, rows(x, idx))
-        lp = loss_per_config(out, rows(targets, idx), None if labels is None else rows(labels, idx), loss)
-        grads = torch.autograd.grad(torch.where(alive, lp, 0.0).sum(), params)
-        with torch.no_grad():
-            bad = alive & (~torch.isfinite(lp) | (lp > blowup))
+        lb = None if labels is None else labels[idx] if not stacked else labels[src, idx]
+        lp, grads = loss_and_grads(current, x[src, idx], targets[src, idx], lb, loss)
+        losses[:, step] = lp
+        bad = ~(lp <= blowup) & alive
+        if bad.any():
+            alive &= ~bad
+            lr.masked_fill_(bad, 0.0)
+        for i, (t, g) in enumerate(zip(params, grads)):
+            grad_sq[:, step] += g.reshape(p_count, -1).square().sum(-1)
+            if weight_decay:
+                g = g + weight_decay * t
+            if momentum:
+                velocity[i].mul_(momentum).add_(g)
+                g = velocity[i]
+            shape = (-1,) + (1,) * (t.ndim - 1)
+            t.sub_(lr.view(shape) * g)
             if bad.any():
-                alive &= ~bad
-                diverged_at[bad.cpu()] = step
-            sq = sum(g.reshape(p_count, -1).square().sum(-1) for g in grads)
-            live = alive.cpu()
-            losses[live, step] = lp.detach().float().cpu()[live]
-            grad_norms[live, step] = sq.sqrt().float().cpu()[live]
-            for i, (t, g) in enumerate(zip(params, grads)):
-                if weight_decay:
-                    g = g + weight_decay * t
-                if momentum:
-                    velocity[i].mul_(momentum).add_(g)
-                    g = velocity[i]
-                shape = (-1,) + (1,) * (t.ndim - 1)
-                t.sub_(lr.view(shape) * g)
-                t.masked_fill_(~alive.view(shape), 0.0)
+                t.masked_fill_(bad.view(shape), 0.0)
         if observe:
             observe(step + 1, current)
-    final = net.with_parameters([t.detach() for t in params])
-    return TrainResult(final, losses, grad_norms, diverged_at)
+    losses, grad_norms = losses.float().cpu(), grad_sq.sqrt().float().cpu()
+    failed = ~(losses <= blowup)
+    diverged_at = torch.where(failed.any(1), failed.float().argmax(1), -1)
+    after = torch.arange(steps)[None, :] >= torch.where(diverged_at >= 0, diverged_at, steps)[:, None]
+    losses[after], grad_norms[after] = float("nan"), float("nan")
+    return TrainResult(net.with_parameters(params), losses, grad_norms, diverged_at)
 
 
 @torch.no_grad()

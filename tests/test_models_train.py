@@ -3,7 +3,7 @@ import torch
 
 from advisor import data, models
 from advisor.errors import ConfigError
-from advisor.train import evaluate, loss_per_config, sgd
+from advisor.train import evaluate, loss_and_grads, loss_per_config, sgd
 
 
 def digits_net(sigma_w=1.0, seeds=(0,), **kw):
@@ -125,3 +125,20 @@ def test_sgd_bad_hyperparameters(lr, batch_size, message):
     with pytest.raises(ConfigError) as err:
         sgd(digits_net(), ds.x_train, ds.y_train, None, lr, batch_size, 1, [0])
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("activation, kind", [("relu", "cross_entropy"), ("identity", "mse"), ("tanh", "cross_entropy")])
+def test_hand_written_gradients_equal_autograd(activation, kind):
+    torch.manual_seed(0)
+    net = models.mlp(6, 4, [5, 3], activation, 1.5, [0, 1], dtype=torch.float64, train_layers=["fc1", "fc3"])
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    labels = torch.randint(0, 4, (2, 7))
+    targets = torch.nn.functional.one_hot(labels, 4).double()
+    lp, grads = loss_and_grads(net, x, targets, labels, kind)
+    params = [t.clone().requires_grad_(True) for t in net.parameters()]
+    expected = loss_per_config(models.forward(net.with_parameters(params), x), targets, labels, kind)
+    auto = torch.autograd.grad(expected.sum(), params)
+    torch.testing.assert_close(lp, expected.detach(), rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(auto) == 4
+    for g, a in zip(grads, auto):
+        torch.testing.assert_close(g, a, rtol=1e-10, atol=1e-12)
