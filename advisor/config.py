@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 from advisor import data, models
 from advisor.errors import ConfigError, require, require_choice
 from advisor.models import Network
+from advisor.phases import Thresholds
+from advisor.probe import NetworkFactory, ProbeGrid
 from advisor.train import LOSSES, resolve_device
 
 DATASETS = ("teacher_student", "digits", "cifar")
@@ -91,3 +93,27 @@ def build_network(
         bias=bool(m.bias), train_layers=None if m.train_layers is None else list(m.train_layers),
         dtype=dtype,
     )
+
+
+def probe_grid(cfg: DictConfig) -> ProbeGrid:
+    """The ``probe`` section's grid; seeds are ``seed, seed + 1, ...``."""
+    p = cfg.probe
+    require(int(p.seeds) > 0, "probe.seeds", "a positive integer", p.seeds)
+    return ProbeGrid(
+        tuple(float(s) for s in p.sigma_w), tuple(float(v) for v in p.lr),
+        tuple(int(b) for b in p.batch_size), tuple(int(cfg.seed) + i for i in range(int(p.seeds))),
+        int(p.steps),
+    )
+
+
+def thresholds(cfg: DictConfig) -> Thresholds:
+    return Thresholds(**{k: float(v) for k, v in cfg.probe.thresholds.items()})
+
+
+def network_factory(cfg: DictConfig, datasets: Sequence[data.Dataset], dtype: torch.dtype) -> NetworkFactory:
+    """``build(sigma_w (P,), seeds, source (P,))`` for the configured model."""
+
+    def build(sigma_w: torch.Tensor, seeds: list[int], source: torch.Tensor) -> Network:
+        return build_network(cfg, datasets, sigma_w, seeds, source.tolist(), dtype)
+
+    return build

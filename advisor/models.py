@@ -53,6 +53,13 @@ class Network:
         ]
         return replace(self, weights=weights, biases=biases)
 
+    def to(self, device: torch.device) -> Network:
+        return replace(
+            self,
+            weights=[w.to(device) for w in self.weights],
+            biases=[None if b is None else b.to(device) for b in self.biases],
+        )
+
     def select(self, index: Tensor | slice | list[int]) -> Network:
         """The sub-stack of configurations ``index``."""
         return replace(
@@ -60,6 +67,18 @@ class Network:
             weights=[w[index] for w in self.weights],
             biases=[None if b is None else b[index] for b in self.biases],
         )
+
+
+def concat(nets: Sequence[Network]) -> Network:
+    """The configurations of several stacks of one architecture, as one stack."""
+    first = nets[0]
+    return replace(
+        first,
+        weights=[torch.cat([n.weights[i] for n in nets]) for i in range(len(first.weights))],
+        biases=[
+            None if b is None else torch.cat([n.biases[i] for n in nets]) for i, b in enumerate(first.biases)
+        ],
+    )
 
 
 def forward(net: Network, x: Tensor) -> Tensor:
