@@ -108,6 +108,19 @@ class Boundary:
         nearest = int(np.argmin(np.abs(np.log(self.sigma_w) - math.log(sigma_w))))
         return self.beyond[nearest], octaves
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Boundary:
+        """Inverse of :meth:`to_dict` (a boundary stored with a study)."""
+
+        def arr(key: str) -> np.ndarray:
+            return np.array(d[key], dtype=float)
+
+        return cls(
+            arr("sigma_w"), np.array(d["batch_size"], dtype=int), arr("lr_edge"), np.array(d["censored"], dtype=bool),
+            float(d["confidence"]), arr("t_c"), arr("lr_max"), list(d["beyond"]), d["disorder_limit"],
+            d["limit_phase"], d["scaling"],
+        )
+
     def to_dict(self) -> dict:
         return {
             "sigma_w": self.sigma_w.tolist(),

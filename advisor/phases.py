@@ -54,7 +54,7 @@ class Thresholds:
     plateau: float = 0.5           # final / initial held-out loss above this: nothing was learnt
     excess: float = 1.0            # decades above the group's best final loss: noise-dominated
     spreading: float = 0.1         # late log-growth of x_max or <dx>: levels still spreading
-    loss_trend: float = -0.1       # late log-change of the held-out loss above this: not learning
+    loss_trend: float = 0.0        # late log-change of the held-out loss above this: not learning
     frozen_move: float = 0.05      # spectral_move below this: the spectrum did not move
 
 

@@ -46,6 +46,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shlex
 import threading
 from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
@@ -53,7 +55,11 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+# an offline tool: no usage telemetry (MLflow 3 otherwise tries to reach its servers)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -96,15 +102,14 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def ui_command(uri: str) -> str:
     """The shell command that opens the MLflow UI on ``uri``."""
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
 class _Run:
     """Logging methods shared by the parent run and its children."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self._client = client
-        self.run_id = run_id
+    _client: MlflowClient
+    run_id: str
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log ``flatten(params)``; a key already logged must keep its value (MLflow rule)."""
@@ -134,7 +139,9 @@ class _Run:
             values = np.asarray(values, dtype=np.float64).reshape(-1)
             if len(values) != len(steps):
                 raise ValueError(f"metric {key!r}: {len(values)} values for {len(steps)} steps")
-            metrics += [Metric(key, v, now, s) for v, s in zip(values.tolist(), steps) if math.isfinite(v)]
+            metrics += [
+                Metric(key, v, now, s) for v, s in zip(values.tolist(), steps) if math.isfinite(v)
+            ]
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
@@ -162,7 +169,8 @@ class ChildRun(_Run):
     """A run nested under a :class:`Tracker`'s parent run; made by :meth:`Tracker.child`."""
 
     def __init__(self, parent: Tracker, run_id: str) -> None:
-        super().__init__(parent._client, run_id)
+        self._client = parent._client
+        self.run_id = run_id
         self._parent = parent
 
     def end(self, status: str = "FINISHED") -> None:
@@ -200,14 +208,13 @@ class Tracker(_Run):
         self.run_name = run_name
         self._params = dict(params or {})
         self._tags = dict(tags or {})
-        self._open: dict[str, ChildRun] = {}
+        self._open: set[str] = set()  # run ids of children not ended yet
         self._lock = threading.Lock()
 
     def __enter__(self) -> Tracker:
-        client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = _experiment_id(client, self.experiment, _artifact_location(self.uri))
-        run = client.create_run(self.experiment_id, run_name=self.run_name)
-        super().__init__(client, run.info.run_id)
+        self._client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = _experiment_id(self._client, self.experiment, _artifact_location(self.uri))
+        self.run_id = self._client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
         try:
             self.log_params(self._params)
             self.set_tags(self._tags)
@@ -221,18 +228,20 @@ class Tracker(_Run):
     ) -> bool:
         status = _status(exc)
         with self._lock:
-            children, self._open = list(self._open.values()), {}
-        for child in children:
-            child._end(status)
+            children, self._open = self._open, set()
+        for run_id in children:
+            self._client.set_terminated(run_id, status)
         self._end(status)
         return False
 
-    def child(self, name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> ChildRun:
+    def child(
+        self, name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None
+    ) -> ChildRun:
         """Start a nested run named ``name`` and log ``flatten(params)`` and ``tags``."""
         run = self._client.create_run(self.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id})
         child = ChildRun(self, run.info.run_id)
         with self._lock:
-            self._open[child.run_id] = child
+            self._open.add(child.run_id)
         try:
             child.log_params(params or {})
             child.set_tags(tags or {})
@@ -244,16 +253,18 @@ class Tracker(_Run):
     def _forget(self, run_id: str) -> bool:
         """Drop ``run_id`` from the open children; whether it was open."""
         with self._lock:
-            return self._open.pop(run_id, None) is not None
+            was_open = run_id in self._open
+            self._open.discard(run_id)
+        return was_open
 
 
 def _status(exc: BaseException | None) -> str:
     """The MLflow status of a run left with ``exc`` (``None``: left normally)."""
     if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
-        return RunStatus.to_string(RunStatus.FINISHED)
+        return "FINISHED"
     if isinstance(exc, KeyboardInterrupt):
-        return RunStatus.to_string(RunStatus.KILLED)
-    return RunStatus.to_string(RunStatus.FAILED)
+        return "KILLED"
+    return "FAILED"
 
 
 def _truncate(value: str, limit: int) -> str:
