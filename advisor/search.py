@@ -68,10 +68,10 @@ class SearchSpace:
         """Hydra multirun override lines covering the space: per batch size and probed
         ``sigma_w``, ``n_lr`` geometric learning rates over the sampled lr range."""
         lines = []
-        sig = self.distributions["sigma_w"]
+        lo, hi = span(self.distributions["sigma_w"])
         for b in self.distributions["batch_size"].choices:  # type: ignore[attr-defined]
             for s in self.boundary.sigma_w:
-                if not sig.low <= s <= sig.high:  # type: ignore[attr-defined]
+                if not lo <= s <= hi:
                     continue
                 lo, hi = self._lr_range(int(b), float(s))
                 if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -82,11 +82,10 @@ class SearchSpace:
 
     def _lr_range(self, b: int, s: float) -> tuple[float, float]:
         if self.mode == "restricted":
-            u = self.distributions["u"]
             edge = self.boundary.lr_edge_at(b, s)
-            return u.low * edge, u.high * edge  # type: ignore[attr-defined]
-        lr = self.distributions["lr"]
-        return lr.low, lr.high  # type: ignore[attr-defined]
+            u_lo, u_hi = span(self.distributions["u"])
+            return u_lo * edge, u_hi * edge
+        return span(self.distributions["lr"])
 
 
 def build_space(
@@ -126,6 +125,13 @@ def build_space(
         }
     dists.update(extra or {})
     return SearchSpace(mode, dists, boundary, dict(extra_keys or {}))
+
+
+def span(d: BaseDistribution) -> tuple[float, float]:
+    """Smallest and largest value a numeric distribution can give."""
+    if isinstance(d, CategoricalDistribution):
+        return min(d.choices), max(d.choices)  # type: ignore[type-var, return-value]
+    return d.low, d.high  # type: ignore[attr-defined]
 
 
 def _log_range(values: np.ndarray) -> BaseDistribution:

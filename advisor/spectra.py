@@ -31,15 +31,16 @@ def squared_singular_values(w: Tensor) -> Tensor:
 
     Works on a single ``(K, L)`` matrix or a stack ``(..., K, L)``; these are the squared
     singular values of ``W``, returned in ``w``'s dtype. The Gram matrix and its
-    eigenvalues are computed in float64: the error of each level is then ~1e-15 x_max,
+    eigenvalues are computed in float64: the error of each level is then ~1e-14 x_max,
     while float32 loses the small levels of square layers (at initialisation a 512 x 512
     layer has x_min / x_max ~ 1e-9; float32 got its bottom levels wrong by 30x).
 
-    Timings on this 2-core CPU (float32 weights; median ms): ``eigvalsh`` of the float64
-    Gram matrix against ``svdvals``: 512 x 3072: 21 vs 160 (float32 svdvals; 227 in
-    float64); 512 x 512: 12 vs 15; a stack of 91 128 x 128: 54 vs 54; 91 x 128 x 64:
-    9 vs 18. The float64 Gram path is the fastest accurate one (float32 svdvals squared
-    is 1e-3 off on the smallest 512 x 512 levels, float32 ``eigvalsh`` 30x off).
+    Timings on this 2-core CPU, one torch thread, float32 weights, median ms
+    (``benchmarks/spectra_overhead.py``): ``eigvalsh`` of the float64 Gram matrix against
+    float32 ``svdvals``: 512 x 3072: 30 vs 261 (float64 svdvals 386); 512 x 512: 13 vs 16;
+    a stack of 72 128 x 128: 32 vs 41; 72 x 128 x 64: 8 vs 14. It is the fastest route
+    and the accurate one (float32 ``svdvals`` squared is 3e-3 off on the smallest
+    512 x 512 levels, float32 ``eigvalsh`` of the Gram matrix up to 30x).
     """
     w = w.detach()
     w64 = w.to(torch.float64)
@@ -142,7 +143,7 @@ def late_growth_rate(values: ArrayLike | Tensor, steps: ArrayLike, late_fraction
         raise ValueError(f"late_fraction must be in (0, 1] (got {late_fraction})")
     t = np.asarray(steps, dtype=np.float64)
     v = _float64(values)
-    if v.shape[0] != t.shape[0] or t.ndim != 1 or len(t) < 2:
+    if t.ndim != 1 or len(t) < 2 or v.shape[:1] != t.shape:
         raise ValueError(f"values (S, ...) and steps (S,) with S >= 2 (got {v.shape} and {t.shape})")
     late = t >= t[0] + (1 - late_fraction) * (t[-1] - t[0])
     late[-2:] = True
@@ -153,11 +154,15 @@ def late_growth_rate(values: ArrayLike | Tensor, steps: ArrayLike, late_fraction
     return np.where(np.isfinite(y).all(axis=0), slope, np.nan)
 
 
-def snapshot_steps(steps: int, n_log: int = 16, n_linear: int = 32) -> np.ndarray:
+def snapshot_steps(steps: int, n_log: int = 8, n_linear: int = 24) -> np.ndarray:
     """Steps at which to record spectra: 0, ``n_log`` log-spaced steps from 1 to the first
     linear step (the fast early motion), then ``n_linear`` equal intervals up to ``steps``
     (the late trend, THEORY.md §8); rounded, sorted, unique. The defaults give at most
-    49 snapshots (44 at 300 steps, 49 at 3000).
+    33 snapshots, 8 of them in the last third.
+
+    Cost: on this CPU a snapshot of the digits MLP costs ~4 training steps at P = 1 and
+    ~10 at P = 72 (the 3072-512-512 MLP: ~7), so the overhead is about
+    ``len(schedule) * that / steps`` (``benchmarks/spectra_overhead.py`` measures it).
     """
     if steps < 0 or n_log < 0 or n_linear < 1:
         raise ValueError(f"need steps >= 0, n_log >= 0, n_linear >= 1 (got {steps}, {n_log}, {n_linear})")

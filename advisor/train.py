@@ -140,8 +140,8 @@ def sgd(
     params = [t.detach().clone() for t in net.parameters()]
     velocity = [torch.zeros_like(t) for t in params] if momentum else []
     alive = torch.ones(p_count, dtype=torch.bool, device=dev)
-    losses = torch.empty(p_count, steps, dtype=dtype, device=dev)
-    grad_sq = torch.zeros(p_count, steps, dtype=dtype, device=dev)
+    losses = torch.empty(p_count, steps, dtype=torch.float32, device=dev)
+    grad_sq = torch.zeros(p_count, steps, dtype=torch.float32, device=dev)
     current = net.with_parameters(params)
     if observe:
         observe(0, current)
@@ -168,7 +168,7 @@ def sgd(
                 t.masked_fill_(bad.view(shape), 0.0)
         if observe:
             observe(step + 1, current)
-    losses, grad_norms = losses.float().cpu(), grad_sq.sqrt().float().cpu()
+    losses, grad_norms = losses.cpu(), grad_sq.sqrt_().cpu()
     failed = ~(losses <= blowup)
     diverged_at = torch.where(failed.any(1), failed.float().argmax(1), -1)
     after = torch.arange(steps)[None, :] >= torch.where(diverged_at >= 0, diverged_at, steps)[:, None]

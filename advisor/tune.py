@@ -155,12 +155,11 @@ def warm_start(study: optuna.Study, space: SearchSpace, points: list[dict], k: i
         seen.add(key)
         params: dict[str, object] = {"batch_size": p["batch_size"], "sigma_w": p["sigma_w"]}
         if space.mode == "restricted":
-            u = space.distributions["u"]
             edge = space.boundary.lr_edge_at(p["batch_size"], p["sigma_w"])
-            sig = space.distributions["sigma_w"]
-            if not math.isfinite(edge) or not sig.low <= p["sigma_w"] <= sig.high:
+            lo, hi = search.span(space.distributions["sigma_w"])
+            if not math.isfinite(edge) or not lo <= p["sigma_w"] <= hi:
                 continue
-            params["u"] = float(np.clip(p["lr"] / edge, u.low, u.high))
+            params["u"] = float(np.clip(p["lr"] / edge, *search.span(space.distributions["u"])))
         else:
             params["lr"] = p["lr"]
         study.enqueue_trial(params, skip_if_exists=True)
@@ -201,7 +200,15 @@ def best_trial(study: optuna.Study, space: SearchSpace) -> dict | None:
 
 
 def check_search(cfg: DictConfig, data: Dataset) -> None:
-    """Validate the search section before any study, store or file is touched."""
+    """Validate against the data and the search section before any study, store or file
+    is touched."""
+    build_network(cfg, [data], float(cfg.model.sigma_w), [int(cfg.seed)])  # model keys, model/dataset match
+    n = len(data.x_train)
+    for key, values in (("train.batch_size", [cfg.train.batch_size]), ("probe.batch_size", cfg.probe.batch_size)):
+        bad = [b for b in values if not 0 < b <= n]
+        require(not bad, key, f"in 1..{n} (the training set size)", bad[0] if bad else None)
+    require(cfg.search.direction == "minimize" or cfg.train.loss == "mse" or data.is_classification,
+            "train.loss", "mse for a regression dataset", cfg.train.loss)
     sc = cfg.search
     require_choice(sc.mode, "search.mode", search.MODES)
     require_choice(sc.direction, "search.direction", search.DIRECTIONS)

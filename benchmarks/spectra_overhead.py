@@ -54,6 +54,7 @@ CASES = [
     Case("digits 64-128-128-10, P=1", [64, 128, 128, 10], "tanh", 1, 16, 3000, 0.05, "mse", digits),
     Case("digits 64-128-128-10, P=72", [64, 128, 128, 10], "tanh", 72, 16, 3000, 0.05, "mse", digits),
     Case("CIFAR-shaped 3072-512-512-10, P=1", [3072, 512, 512, 10], "relu", 1, 64, 300, 0.01, "cross_entropy", cifar_shaped),
+    Case("CIFAR-shaped 3072-512-512-10, P=1", [3072, 512, 512, 10], "relu", 1, 64, 3000, 0.01, "cross_entropy", cifar_shaped),
 ]
 
 

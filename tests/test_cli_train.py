@@ -23,6 +23,7 @@ def test_help_lists_the_groups(tmp_path):
         (["train.lr=-0.1"], "error: train.lr must be > 0 (got -0.1)"),
         (["train.batch_size=0"], "error: train.batch_size must be a positive integer (got 0)"),
         (["dataset.n_train=100", "train.batch_size=101"], "error: train.batch_size must be in 1..100 (the training set size) (got 101)"),
+        (["dataset.n_train=100", "probe.batch_size=[8,200]"], "error: probe.batch_size must be in 1..100 (the training set size) (got 200)"),
         (["model.sigma_w=0"], "error: model.sigma_w must be > 0 (got 0.0)"),
         (["model.activation=gelu"], "error: model.activation must be one of tanh, relu, identity (got 'gelu')"),
         (["model=teacher_student"], "error: model=teacher_student needs dataset=teacher_student (got dataset=digits)"),
@@ -46,10 +47,14 @@ def test_cifar_root_that_is_not_cifar(tmp_path):
     assert "lacks data_batch_1" in lines[0]
 
 
-def test_train_once_on_miniature_cifar_prints_losses(tmp_path, cifar_root):
+def test_tune_runs_on_a_local_cifar_root(tmp_path, cifar_root):
     res = run_cli(
-        "advisor.tune", "dataset=cifar", f"dataset.root={cifar_root}", "train.steps=20",
-        "train.batch_size=8", "model.widths=[16]", cwd=tmp_path,
+        "advisor.tune", "model=mlp", "dataset=cifar", f"dataset.root={cifar_root}", "train.steps=100",
+        "probe.batch_size=[8]", "probe.sigma_w=[1]", "probe.lr=[0.01,0.1,10]", "probe.seeds=1",
+        "probe.steps=30", "probe.budget_fraction=1", "search.n_trials=2", "model.widths=[16]",
+        "probe.curvature_samples=16", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
     )
-    assert res.returncode == 0, res.stderr
-    assert "validation loss" in res.stdout and "validation accuracy" in res.stdout
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "== SGD phase advisor ==" in res.stdout and "probes      3 x 30 steps" in res.stdout
+    assert (tmp_path / "run" / "advice.json").exists()

@@ -197,13 +197,13 @@ def test_snapshot_steps_schedule(steps):
     s = snapshot_steps(steps)
     assert s.dtype.kind == "i" and s[0] == 0 and s[-1] == steps
     assert np.all(np.diff(s) > 0)
-    assert len(s) <= 16 + 32 + 1
+    assert len(s) <= 8 + 24 + 1
     if steps >= 3000:
         gaps = np.diff(s)
         # log-spaced early (gaps grow), equal gaps over the linear part
-        assert gaps[0] == 1 and gaps[-1] == pytest.approx(steps / 32, abs=1)
-        assert np.sum(s <= steps / 32) >= 10
-        assert np.ptp(gaps[-31:]) <= 1
+        assert gaps[0] == 1 and gaps[-1] == pytest.approx(steps / 24, abs=1)
+        assert np.sum(s <= steps / 24) >= 8
+        assert np.ptp(gaps[-23:]) <= 1
 
 
 def test_snapshot_steps_linear_only_and_no_steps():
