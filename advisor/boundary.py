@@ -201,6 +201,7 @@ class TheoryEdges:
 
     sigma_w: np.ndarray
     t_c: np.ndarray             # noise edge: T where the ordered fraction crosses confidence
+    t_c_censored: np.ndarray    # (n_sigma,) the edge lies beyond the largest finite probe's T
     t_c_probes: np.ndarray      # (n_sigma, 3) 16/50/84% quantiles of the probes' network T_c
     lambda_0: np.ndarray        # median Hessian top eigenvalue at initialisation
     lazy_lr: np.ndarray         # 2 / lambda_0
@@ -214,6 +215,7 @@ class TheoryEdges:
         return {
             "sigma_w": self.sigma_w.tolist(),
             "t_c": _nan_to_none(self.t_c),
+            "t_c_censored": self.t_c_censored.tolist(),
             "t_c_probes": _nan_to_none(self.t_c_probes),
             "lambda_0": _nan_to_none(self.lambda_0),
             "lazy_lr": _nan_to_none(self.lazy_lr),
@@ -242,9 +244,11 @@ def theory_edges(
 ) -> TheoryEdges:
     """Evaluate the theory on the probes.
 
-    Noise (§4): the network ``T_c`` of every probe at its final weights on ``heldout``
-    validation inputs; a probe is *ordered* when ``T <= T_c``, and the edge is where the
-    seed fraction of ordered probes crosses ``confidence`` along ``T`` (as the paper).
+    Noise (§4): the network ``T_c`` of every probe that did not diverge, at its final
+    weights on ``heldout`` validation inputs; a probe is *ordered* when ``T <= T_c``, and
+    the edge is where the seed fraction of ordered probes crosses ``confidence`` along
+    ``T`` (as the paper). It is *censored* where every probe that stayed finite is
+    ordered: the estimator then only says "at least the largest finite probe's T".
     Curvature (§9) and disorder (§5): at initialisation, per ``sigma_w`` and seed.
     """
     source = torch.as_tensor(probes.source)
@@ -252,19 +256,28 @@ def theory_edges(
     x, y, labels = data.validation(source, heldout)
     sigma_t = torch.as_tensor(probes.sigma_w, dtype=dtype)
     t_c = theory.critical_temperature(probes.networks, x, y, labels, loss, sigma_t).network.cpu().numpy()
-    ordered = probes.temperature <= np.nan_to_num(t_c, nan=-np.inf)
-    table = edge_table(probes.temperature, ordered, probes.sigma_w, probes.batch_size, confidence)
-    with np.errstate(all="ignore"):
-        noise = _nanmax(table.edge)
+    t_c[probes.diverged] = math.nan
+    finite = ~probes.diverged
+    sigmas = np.unique(probes.sigma_w)
+    noise, noise_censored = np.full(len(sigmas), math.nan), np.zeros(len(sigmas), dtype=bool)
+    if finite.any():
+        ordered = probes.temperature <= np.nan_to_num(t_c, nan=-np.inf)
+        table = edge_table(probes.temperature[finite], ordered[finite], probes.sigma_w[finite],
+                           probes.batch_size[finite], confidence)
+        for i, s in enumerate(table.sigma_w):
+            if np.isfinite(table.edge[i]).any():
+                k = int(np.nanargmax(table.edge[i]))
+                j = int(np.searchsorted(sigmas, s))
+                noise[j], noise_censored[j] = table.edge[i, k], table.censored[i, k]
     quantiles = np.array([
         np.nanquantile(t_c[probes.sigma_w == s], [0.16, 0.5, 0.84]) if np.isfinite(t_c[probes.sigma_w == s]).any()
         else [math.nan] * 3
-        for s in table.sigma_w
+        for s in sigmas
     ])
 
     seeds = np.unique(probes.seed)
-    sig = np.repeat(table.sigma_w, len(seeds))
-    seed_col = np.tile(seeds, len(table.sigma_w))
+    sig = np.repeat(sigmas, len(seeds))
+    seed_col = np.tile(seeds, len(sigmas))
     src = torch.as_tensor([int(probes.source[probes.seed == sd][0]) for sd in seed_col])
     init = build(torch.as_tensor(sig, dtype=dtype), seed_col.tolist(), src).to(x.device)
     xc, yc, lc = data.training(src, curvature_samples)
@@ -276,12 +289,12 @@ def theory_edges(
     grows = theory.forward_signal_grows(variances).cpu().numpy()
 
     def per_sigma(values: np.ndarray) -> np.ndarray:
-        return np.array([np.nanmedian(values[sig == s]) if np.isfinite(values[sig == s]).any() else math.nan for s in table.sigma_w])
+        return np.array([np.nanmedian(values[sig == s]) if np.isfinite(values[sig == s]).any() else math.nan for s in sigmas])
 
     preact = per_sigma(s2)
-    limit, rule = _disorder_limit(table.sigma_w, preact, per_sigma(grows.astype(float)), probes.networks.activation)
+    limit, rule = _disorder_limit(sigmas, preact, per_sigma(grows.astype(float)), probes.networks.activation)
     return TheoryEdges(
-        table.sigma_w, noise, quantiles, per_sigma(lam), per_sigma(edges.lazy.numpy()),
+        sigmas, noise, noise_censored, quantiles, per_sigma(lam), per_sigma(edges.lazy.numpy()),
         per_sigma(edges.catapult.numpy()), preact, limit, rule, t_c,
     )
 

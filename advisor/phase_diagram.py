@@ -88,8 +88,9 @@ def to_json(pm: PhaseMap) -> dict:
         "phase_counts": {ph: int((pm.phases == ph).sum()) for ph in PHASES},
         "points": points,
         "boundary": {**b.to_dict(), "sigma_w": b.sigma_w.tolist(), "t_c": b.to_dict()["t_c"]},
-        "theory": {"sigma_w": th.sigma_w.tolist(), "t_c": th.to_dict()["t_c"], "t_c_probes": th.to_dict()["t_c_probes"],
-                   "octaves_from_measured": distance_octaves(th.t_c, b.t_c)},
+        "theory": {"sigma_w": th.sigma_w.tolist(), "t_c": th.to_dict()["t_c"], "t_c_censored": th.t_c_censored.tolist(),
+                   "t_c_probes": th.to_dict()["t_c_probes"],
+                   "octaves_from_measured": distance_octaves(np.where(th.t_c_censored, np.nan, th.t_c), b.t_c)},
         "curvature": {"sigma_w": th.sigma_w.tolist(), "lambda_0": th.to_dict()["lambda_0"],
                       "lazy_lr": th.to_dict()["lazy_lr"], "catapult_lr": th.to_dict()["catapult_lr"],
                       "octaves_from_measured": distance_octaves(th.catapult_lr, b.lr_max)},
@@ -100,11 +101,17 @@ def to_json(pm: PhaseMap) -> dict:
 
 
 def draw(pm: PhaseMap, folder: Path, title: str) -> list[Path]:
-    """``phase_diagram.png`` and ``eigenvalue_flow.png`` (one example probe per phase)."""
+    """``phase_diagram.png`` and ``eigenvalue_flow.png`` (one example probe per phase:
+    the best convergent probe, the median probe of each other phase)."""
     p = pm.probes
     figure = plots.phase_diagram(p.sigma_w, p.temperature, pm.phases, pm.boundary, pm.theory, folder / "phase_diagram.png", title)
     layer = next(iter(p.spectra))
-    examples = [int(np.flatnonzero(pm.phases == ph)[len(np.flatnonzero(pm.phases == ph)) // 2]) for ph in PHASES if (pm.phases == ph).any()]
+    examples = []
+    for ph in PHASES:
+        members = np.flatnonzero(pm.phases == ph)
+        if len(members):
+            best = members[np.nanargmin(p.val_loss[members])] if ph == "convergent" else members[len(members) // 2]
+            examples.append(int(best))
     flow = plots.eigenvalue_flow(
         p.snapshot_steps, [p.spectra[layer][:, i] for i in examples], [pm.phases[i] for i in examples],
         [f"sigma_w={p.sigma_w[i]:g}, lr={p.lr[i]:g}, B={p.batch_size[i]}" for i in examples],
@@ -117,10 +124,11 @@ def _finite(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
 
-def phase_map_from_config(cfg: DictConfig, progress: bool = True) -> PhaseMap:
-    """:func:`map_phases` with everything read from the config."""
+def phase_map_from_config(cfg: DictConfig, grid: ProbeGrid | None = None, progress: bool = True) -> PhaseMap:
+    """:func:`map_phases` with everything read from the config (``grid``: instead of the
+    config's probe grid)."""
     s = train_settings(cfg)
-    grid = probe_grid(cfg)
+    grid = grid or probe_grid(cfg)
     datasets = load_datasets(cfg, list(grid.seeds))
     p = cfg.probe
     return map_phases(

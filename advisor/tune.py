@@ -17,7 +17,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import optuna
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -28,14 +27,14 @@ from advisor import search
 from advisor.boundary import CONVERGENT, Boundary
 from advisor.config import build_network, load_dataset, probe_grid, train_settings
 from advisor.data import Dataset
-from advisor.errors import ConfigError, exit_on_config_error, require, require_choice
+from advisor.errors import exit_on_config_error, require, require_choice
 from advisor.models import trainable_weights
 from advisor.phase_diagram import PhaseMap, draw, phase_map_from_config, to_json
 from advisor.plots import phase_diagram as draw_phase_diagram
 from advisor.probe import HELD_OUT, ProbeGrid
 from advisor.search import SearchSpace, SpectralPruner
 from advisor.spectra import mean_spacing, snapshot_steps, squared_singular_values
-from advisor.tracking import ChildRun, Tracker, ui_command
+from advisor.tracking import Tracker, ui_command
 from advisor.train import evaluate, sgd
 
 TRANSFER_LADDER = [2**k for k in range(0, 11)]
@@ -285,6 +284,21 @@ def _dist(d: str) -> str:
     return f"in [{a['low']:.4g}, {a['high']:.4g}]" + (" log" if a.get("log") else "")
 
 
+@dataclass
+class Job:
+    """One invocation: its config, run folder, data, study and tracking run."""
+
+    cfg: DictConfig
+    folder: Path
+    data: Dataset
+    grid: ProbeGrid
+    study: optuna.Study
+    tracker: Tracker
+    pruner: optuna.pruners.BasePruner
+    extra: dict
+    extra_keys: dict
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 @exit_on_config_error
 def main(cfg: DictConfig) -> None:
@@ -304,33 +318,35 @@ def main(cfg: DictConfig) -> None:
         with Tracker(cfg.tracking.uri, cfg.tracking.experiment, f"tune {name}", params=resolved, tags=tags) as tracker:
             study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=name,
                                         direction=cfg.search.direction, load_if_exists=True)
-            advice = tune(cfg, folder, data, grid, study, tracker, pruner, extra, extra_keys)
+            advice = tune(Job(cfg, folder, data, grid, study, tracker, pruner, extra, extra_keys))
     except KeyboardInterrupt:
         print(f"interrupted: finished trials are kept in study {name}; open MLflow runs ended as KILLED", file=sys.stderr)
         sys.exit(130)
     print(summary(advice, folder))
 
 
-def tune(cfg, folder, data, grid, study, tracker, pruner, extra, extra_keys) -> dict:
-    """Probe (or reuse the stored boundary), search, report."""
+def tune(job: Job) -> dict:
+    """Probe (or reuse the boundary stored with the study), search, report."""
+    cfg, study = job.cfg, job.study
     stored = study.user_attrs.get("phase_map")
+    title = f"{cfg.model.name} on {cfg.dataset.name}"
     if stored is None:
-        pm = phase_map_from_config(replace_grid(cfg, grid))
+        pm = phase_map_from_config(cfg, job.grid)
         doc = to_json(pm)
-        draw(pm, folder, f"{cfg.model.name} on {cfg.dataset.name}, {grid.steps}-step probes")
-        log_probes(tracker, pm)
+        draw(pm, job.folder, f"{title}, {job.grid.steps}-step probes")
+        log_probes(job.tracker, pm)
         study.set_user_attr("phase_map", doc)
     else:
         doc = stored
         points = doc["points"]
         draw_phase_diagram(np.array([p["sigma_w"] for p in points]), np.array([p["temperature"] for p in points]),
                            np.array([p["phase"] for p in points]), Boundary.from_dict(doc["boundary"]), None,
-                           folder / "phase_diagram.png", f"{cfg.model.name} on {cfg.dataset.name} (stored boundary)")
-    boundary = Boundary.from_dict(doc["boundary"])
+                           job.folder / "phase_diagram.png", f"{title} (stored boundary)")
     u_range = (float(cfg.search.u_min), float(cfg.search.u_max))
-    space = search.build_space(cfg.search.mode, boundary, doc["grid"]["lr"], u_range, extra, extra_keys)
+    space = search.build_space(cfg.search.mode, Boundary.from_dict(doc["boundary"]), doc["grid"]["lr"], u_range,
+                               job.extra, job.extra_keys)
     queued = 0 if stored is not None else warm_start(study, space, doc["points"], int(cfg.search.warm_start), cfg.search.direction)
-    ctx = TrialContext(cfg, data, space, tracker, pruner, cfg.search.direction)
+    ctx = TrialContext(cfg, job.data, space, job.tracker, job.pruner, cfg.search.direction)
     interrupted = False
     try:
         run_study(ctx, study, int(cfg.search.n_trials))
@@ -338,17 +354,13 @@ def tune(cfg, folder, data, grid, study, tracker, pruner, extra, extra_keys) -> 
         interrupted = True
         raise
     finally:
-        advice = write_advice(cfg, folder, doc, space, study, tracker, queued, stored is not None, data, grid, interrupted)
+        advice = write_advice(job, doc, space, queued, stored is not None, interrupted)
     return advice
 
 
-def replace_grid(cfg: DictConfig, grid: ProbeGrid) -> DictConfig:
-    out = cfg.copy()
-    out.probe.steps = grid.steps
-    return out
-
-
-def write_advice(cfg, folder, doc, space, study, tracker, queued, reused, data, grid, interrupted) -> dict:
+def write_advice(job: Job, doc: dict, space: SearchSpace, queued: int, reused: bool, interrupted: bool) -> dict:
+    """``advice.json`` and the exported space in the run folder, all logged to MLflow."""
+    cfg, study, folder, tracker = job.cfg, job.study, job.folder, job.tracker
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: t.value, reverse=cfg.search.direction == "maximize")
     best = best_trial(study, space)
@@ -367,7 +379,7 @@ def write_advice(cfg, folder, doc, space, study, tracker, queued, reused, data, 
         "trials": trial_counts(study),
         "best_trial": best,
         "theory_check": search.inside_fraction(space, complete, int(cfg.search.top_k)),
-        "batch_size_transfer": transfer_table(space.boundary, sigma, u_range, len(data.x_train)),
+        "batch_size_transfer": transfer_table(space.boundary, sigma, u_range, len(job.data.x_train)),
         "study": {"name": study.study_name, "storage": cfg.search.storage},
         "mlflow": {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "experiment": cfg.tracking.experiment},
         "interrupted": interrupted,
