@@ -57,7 +57,7 @@ def map_phases(
 ) -> PhaseMap:
     """Train the grid's probes, classify them and fit the boundary and theory edges."""
     start = time.perf_counter()
-    probes = run_probes(grid, build, datasets, loss, device, dtype, blowup, progress=progress)
+    probes = run_probes(grid, build, datasets, loss, device, dtype, blowup, progress=progress, heldout=heldout)
     measures = measure_probes(probes, rules.late_fraction)
     phases = label(measures, rules)
     boundary = fit_boundary(probes.sigma_w, probes.lr, probes.batch_size, phases, confidence)

@@ -113,11 +113,13 @@ def run_probes(
     blowup: float = 1e6,
     schedule: np.ndarray | None = None,
     progress: bool = True,
+    heldout: int = HELD_OUT,
 ) -> Probes:
     """Train every configuration of ``grid`` for ``grid.steps`` steps, one stacked run per
     batch size. ``datasets`` holds one data set shared by all seeds, or one per seed
     (the teacher-student); ``build(sigma_w (P,), seeds, source (P,))`` makes the stacked
-    network, configuration ``p`` seeing ``datasets[source[p]]``."""
+    network, configuration ``p`` seeing ``datasets[source[p]]``; ``heldout`` validation
+    inputs give the held-out loss at each snapshot and the feature overlap."""
     sigma, lrs, bs, seeds = (np.array(c) for c in zip(*grid.configurations()))
     per_seed = len(datasets) > 1
     source = torch.tensor([grid.seeds.index(s) if per_seed else 0 for s in seeds])
@@ -129,7 +131,7 @@ def run_probes(
         net = build(torch.as_tensor(sigma[rows], dtype=dtype), seeds[rows].tolist(), source[rows]).to(device)
         parts.append(
             _probe_group(net, data, source[rows], lrs[rows], int(b), seeds[rows].tolist(), grid.steps,
-                         loss, blowup, schedule, f"probes B={b}" if progress else None)
+                         loss, blowup, schedule, heldout, f"probes B={b}" if progress else None)
         )
         rows_of.append(rows)
     order = torch.as_tensor(np.argsort(np.concatenate(rows_of)))
@@ -178,10 +180,10 @@ class StackedData:
 
 def _probe_group(
     net: Network, data: StackedData, source: Tensor, lr: np.ndarray, batch_size: int, seeds: list[int],
-    steps: int, loss: str, blowup: float, schedule: np.ndarray, progress: str | None,
+    steps: int, loss: str, blowup: float, schedule: np.ndarray, heldout: int, progress: str | None,
 ) -> Probes:
     """Train one batch-size group and record it (config columns are filled by the caller)."""
-    held_out = data.validation(source, HELD_OUT)
+    held_out = data.validation(source, heldout)
     phi0 = features(net, held_out[0])
     recorder = SpectrumRecorder(schedule)
     heldout: list[Tensor] = []

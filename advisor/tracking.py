@@ -43,13 +43,15 @@ diverged run's curve simply ends.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import shlex
 import threading
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -212,8 +214,9 @@ class Tracker(_Run):
         self._lock = threading.Lock()
 
     def __enter__(self) -> Tracker:
-        self._client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = _experiment_id(self._client, self.experiment, _artifact_location(self.uri))
+        with _store_lock(self.uri):  # a new store's migrations must not run twice at once
+            self._client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = _experiment_id(self._client, self.experiment, _artifact_location(self.uri))
         self.run_id = self._client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
         try:
             self.log_params(self._params)
@@ -288,6 +291,22 @@ def _sqlite_path(uri: str) -> Path | None:
         return None
     database = make_url(uri).database
     return Path(database) if database and database != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock on ``<db>.lock`` for a sqlite store (Hydra's joblib launcher starts
+    several jobs on one new store at once); nothing for other stores."""
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    with open(f"{path}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _absolute_sqlite(uri: str) -> str:

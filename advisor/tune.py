@@ -31,7 +31,7 @@ from advisor.errors import exit_on_config_error, require, require_choice
 from advisor.models import trainable_weights
 from advisor.phase_diagram import PhaseMap, draw, phase_map_from_config, to_json
 from advisor.plots import phase_diagram as draw_phase_diagram
-from advisor.probe import HELD_OUT, ProbeGrid
+from advisor.probe import ProbeGrid
 from advisor.search import SearchSpace, SpectralPruner
 from advisor.spectra import mean_spacing, snapshot_steps, squared_singular_values
 from advisor.tracking import Tracker, ui_command
@@ -75,13 +75,14 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> tu
     xv, yv = ctx.data.x_val.to(s.device, s.dtype), ctx.data.y_val.to(s.device, s.dtype)
     lv = None if ctx.data.labels_val is None else ctx.data.labels_val.to(s.device)
     reports = set(snapshot_steps(s.steps, n_log=0, n_linear=int(cfg.search.reports)).tolist()) - {0}
+    h = int(cfg.probe.heldout)
     history: dict[str, list[float]] = {"steps": [], "loss": [], "x_max": [], "spacing": []}
     with ctx.tracker.child(f"trial {trial.number}", params=hp, tags={"optuna.trial": trial.number}) as run:
 
         def observe(step: int, current) -> None:
             if step not in reports:
                 return
-            loss = float(evaluate(current, xv[:HELD_OUT], yv[:HELD_OUT], None if lv is None else lv[:HELD_OUT], s.loss)[0][0])
+            loss = float(evaluate(current, xv[:h], yv[:h], None if lv is None else lv[:h], s.loss)[0][0])
             levels = {n: squared_singular_values(w[0]).cpu().numpy() for n, w in trainable_weights(current).items()}
             metrics = {"heldout_loss": loss}
             for n, lev in levels.items():
@@ -143,7 +144,7 @@ def run_study(ctx: TrialContext, study: optuna.Study, n_trials: int) -> None:
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
 
 
-def warm_start(study: optuna.Study, space: SearchSpace, points: list[dict], k: int, direction: str) -> int:
+def warm_start(study: optuna.Study, space: SearchSpace, points: list[dict], k: int) -> int:
     """Enqueue the ``k`` best convergent probes (by validation loss) as the first trials."""
     good = sorted((p for p in points if p["phase"] == CONVERGENT and p["val_loss"] is not None), key=lambda p: p["val_loss"])
     seen, queued = set(), 0
@@ -345,7 +346,8 @@ def tune(job: Job) -> dict:
     u_range = (float(cfg.search.u_min), float(cfg.search.u_max))
     space = search.build_space(cfg.search.mode, Boundary.from_dict(doc["boundary"]), doc["grid"]["lr"], u_range,
                                job.extra, job.extra_keys)
-    queued = 0 if stored is not None else warm_start(study, space, doc["points"], int(cfg.search.warm_start), cfg.search.direction)
+    n_warm = min(int(cfg.search.warm_start), int(cfg.search.n_trials))
+    queued = 0 if stored is not None else warm_start(study, space, doc["points"], n_warm)
     ctx = TrialContext(cfg, job.data, space, job.tracker, job.pruner, cfg.search.direction)
     interrupted = False
     try:

@@ -4,7 +4,7 @@ Prints four figures, all on CPU in float32:
 
 1. Vectorised against sequential: one :func:`run_probes` call on a grid against one
    call per configuration (P = 1 each), same grid, steps and recording (spectra and
-   held-out losses at ~49 snapshots), for the paper's teacher-student grid
+   held-out losses at the default 33 snapshots), for the paper's teacher-student grid
    (12 sigma_w x 12 lr x 1 seed, B = 4, P = 144; goal >= 20x) and 16 digits MLPs
    (64-128-128-10 tanh, mse, B = 16, 4 sigma_w x 4 lr; goal >= 3x). Medians of
    ``--repeats`` runs, the two taking turns to go first.
@@ -229,7 +229,7 @@ def report_full_grid(threads: int, full_steps: int, short_steps: int, repeats: i
     print(f"   recording, {short_steps} steps, {threads} thread(s), median of {repeats}: run_probes "
           f"{with_rec:.2f} s ({rate(p, short_steps, with_rec)}) vs sgd {without:.2f} s "
           f"({rate(p, short_steps, without)}) -> recording +{with_rec - without:.2f} s "
-          f"({with_rec / without - 1:+.0%}; ~49 snapshots and a final validation: mostly a fixed "
+          f"({with_rec / without - 1:+.0%}; the snapshots and a final validation: mostly a fixed "
           f"cost, less per step in longer runs)")
 
     print(f"3. peak RSS of the full-grid sgd process, {full_steps} steps: {full.process_peak_mib:.0f} MiB "

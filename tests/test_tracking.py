@@ -261,3 +261,16 @@ def test_relative_store_resolves_against_cwd_quietly(tmp_path):
     assert artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
     assert list((tmp_path / "runs" / "mlartifacts").glob("*/artifacts/note.txt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_processes_starting_on_one_new_store_at_once_all_succeed(tmp_path):
+    """Hydra's joblib launcher starts jobs together: the new store's migrations run once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = f"from advisor.tracking import Tracker\nwith Tracker({uri!r}, 'race') as t: print(t.run_id)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outs]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(out.strip() for out, _ in outs)

@@ -39,7 +39,7 @@ def test_tune_end_to_end(tmp_path):
     assert advice["probes"]["count"] == 8 and not advice["probes"]["reused"]
     assert sum(advice["probes"]["phase_counts"].values()) == 8
     assert {p["phase"] for p in advice["probes"]["points"] if p["lr"] == 16} == {"divergent"}
-    assert sum(advice["trials"].values()) == 4 and advice["trials"]["RUNNING"] == 0
+    assert sum(advice["trials"].values()) == 4 and advice["trials"]["RUNNING"] == 0 == advice["trials"]["WAITING"]
     assert advice["search_space"]["mode"] == "restricted"
     assert set(advice["search_space"]["distributions"]) == {"batch_size", "sigma_w", "u"}
     assert advice["best_trial"]["value"] > 0 and advice["theory_check"]["top_k"] <= 5
@@ -98,8 +98,9 @@ def test_constrained_mode_fails_predicted_divergent_points_without_training(tmp_
         assert "constraints:edge" in t.system_attrs
 
 
-def test_multirun_gives_one_parent_per_job(tmp_path):
-    res = run_cli("advisor.tune", "-m", "dataset=digits,teacher_student", *SMALL, "search.n_trials=1",
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_multirun_gives_one_parent_per_job(tmp_path, launcher):
+    res = run_cli("advisor.tune", "-m", *launcher, "dataset=digits,teacher_student", *SMALL, "search.n_trials=1",
                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={tmp_path / 'multi'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     _, all_runs = runs(tmp_path)
