@@ -44,6 +44,10 @@ def test_tune_end_to_end(tmp_path):
     assert set(advice["search_space"]["distributions"]) == {"batch_size", "sigma_w", "u"}
     assert advice["best_trial"]["value"] > 0 and advice["theory_check"]["top_k"] <= 5
     assert [row["batch_size"] for row in advice["batch_size_transfer"]][:3] == [1, 2, 4]
+    for row in advice["batch_size_transfer"]:
+        assert row["lr_low"] < row["lr_high"] <= min(row["noise_edge_lr"], row["curvature_edge_lr"])
+        assert row["binding"] == ("noise" if row["noise_edge_lr"] <= row["curvature_edge_lr"] else "curvature")
+    assert 1 <= advice["warm_start_trials"] <= 3
     assert advice["mlflow"]["tracking_uri"].startswith("sqlite:///")
     for name in ("phase_diagram.png", "eigenvalue_flow.png", "search_space.json", "sweep_overrides.txt", "config.yaml"):
         assert (tmp_path / "run" / name).exists(), name
