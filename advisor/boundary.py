@@ -269,11 +269,8 @@ def theory_edges(
                 k = int(np.nanargmax(table.edge[i]))
                 j = int(np.searchsorted(sigmas, s))
                 noise[j], noise_censored[j] = table.edge[i, k], table.censored[i, k]
-    quantiles = np.array([
-        np.nanquantile(t_c[probes.sigma_w == s], [0.16, 0.5, 0.84]) if np.isfinite(t_c[probes.sigma_w == s]).any()
-        else [math.nan] * 3
-        for s in sigmas
-    ])
+    spread = theory.seed_spread(torch.as_tensor(t_c), torch.as_tensor(np.searchsorted(sigmas, probes.sigma_w)))
+    quantiles = torch.stack([spread.low, spread.median, spread.high], 1).numpy()
 
     seeds = np.unique(probes.seed)
     sig = np.repeat(sigmas, len(seeds))
