@@ -82,17 +82,20 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> tu
         def observe(step: int, current) -> None:
             if step not in reports:
                 return
-            loss = float(evaluate(current, xv[:h], yv[:h], None if lv is None else lv[:h], s.loss)[0][0])
+            loss, acc = evaluate(current, xv[:h], yv[:h], None if lv is None else lv[:h], s.loss)
+            loss = float(loss[0]) if math.isfinite(loss[0]) else float("nan")
             levels = {n: squared_singular_values(w[0]).cpu().numpy() for n, w in trainable_weights(current).items()}
+            spacing = {n: float(mean_spacing(lev)) for n, lev in levels.items()}
             metrics = {"heldout_loss": loss}
             for n, lev in levels.items():
-                metrics.update({f"x_max.{n}": lev[0], f"x_min.{n}": lev[-1], f"spacing.{n}": float(mean_spacing(lev))})
+                metrics.update({f"x_max.{n}": lev[0], f"x_min.{n}": lev[-1], f"spacing.{n}": spacing[n]})
             run.log_metrics(metrics, step)
             history["steps"].append(step)
-            history["loss"].append(loss if math.isfinite(loss) else float("nan"))
-            history["x_max"].append(max(float(v[0]) for v in levels.values()))
-            history["spacing"].append(max(float(mean_spacing(v)) for v in levels.values()))
-            trial.report(loss if math.isfinite(loss) else float("inf"), step)
+            history["loss"].append(loss)
+            history["x_max"].append(max(float(lev[0]) for lev in levels.values()))
+            history["spacing"].append(max(spacing.values()))
+            # intermediate values follow the study's direction (other pruners compare them)
+            trial.report(float(acc[0]) if ctx.direction == "maximize" else (loss if math.isfinite(loss) else math.inf), step)
             trial.set_user_attr("spectral", history)
             if trial.should_prune():
                 raise optuna.TrialPruned(_prune_reason(ctx.pruner, study, trial))

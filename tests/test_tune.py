@@ -157,3 +157,12 @@ def test_bad_search_input_touches_nothing(tmp_path, override, message):
     res = run_cli("advisor.tune", override, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip() == message
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_maximize_validation_accuracy_with_cross_entropy(tmp_path):
+    _, advice = tune(tmp_path, "search.direction=maximize", "train.loss=cross_entropy", "search.n_trials=2")
+    assert advice["trials"]["COMPLETE"] + advice["trials"]["PRUNED"] == 2
+    best = advice["best_trial"]
+    assert 0.5 < best["value"] <= 1.0  # an accuracy, not a loss
+    complete = [t for t in advice["theory_check"]["trials"]]
+    assert [t["value"] for t in complete] == sorted((t["value"] for t in complete), reverse=True)
