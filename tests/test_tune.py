@@ -166,3 +166,16 @@ def test_maximize_validation_accuracy_with_cross_entropy(tmp_path):
     assert 0.5 < best["value"] <= 1.0  # an accuracy, not a loss
     complete = [t for t in advice["theory_check"]["trials"]]
     assert [t["value"] for t in complete] == sorted((t["value"] for t in complete), reverse=True)
+
+
+@pytest.mark.slow
+def test_default_run_finds_a_good_point_inside_the_region(tmp_path):
+    """`python -m advisor.tune` as `make run` runs it (digits MLP, 40 trials)."""
+    res = run_cli("advisor.tune", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'run'}",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    advice = json.loads((tmp_path / "run" / "advice.json").read_text())
+    assert advice["probes"]["budget_share"] <= 0.15 + 1e-9
+    assert advice["trials"]["FAIL"] == 0 and advice["trials"]["COMPLETE"] >= 30
+    assert advice["best_trial"]["value"] < 0.06  # validation MSE; measured 0.0399
+    assert advice["theory_check"]["inside"] == advice["theory_check"]["top_k"] == 5
