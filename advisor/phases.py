@@ -51,7 +51,7 @@ class Thresholds:
     teacher-student and the digits MLP (README, "Phase classifier")."""
 
     late_fraction: float = 1 / 3
-    plateau: float = 0.5           # final / initial held-out loss above this: nothing was learnt
+    plateau: float = 0.1           # final / initial held-out loss above this: little was learnt
     excess: float = 1.0            # decades above the group's best final loss: noise-dominated
     spreading: float = 0.1         # late log-growth of x_max or <dx>: levels still spreading
     loss_trend: float = 0.0        # late log-change of the held-out loss above this: not learning

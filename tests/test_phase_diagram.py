@@ -62,7 +62,10 @@ def test_default_paper_grid_reproduces_the_rising_boundary(tmp_path):
     weak = [t_c[s] for s in (0.125, 0.25, 0.5, 1.0, 2.0)]
     strong = [t_c[s] for s in (16.0, 32.0, 64.0)]
     assert max(weak) < 1.0 and min(strong) > 4.0
-    assert doc["phase_counts"]["convergent"] > 100 and doc["phase_counts"]["oscillatory"] > 100
+    counts = doc["phase_counts"]
+    assert counts["convergent"] > 100 and counts["oscillatory"] > 100 and counts["frozen"] >= 5
+    frozen = {(p["sigma_w"], p["temperature"]) for p in doc["points"] if p["phase"] == "frozen"}
+    assert all(s >= 32 and t <= 1 for s, t in frozen)  # strong disorder, low T (THEORY.md §6)
     # the noise estimator's edge sits below the measured one where it crosses (THEORY.md §8)
     below = [o for o in doc["theory"]["octaves_from_measured"] if o is not None]
     assert sum(o < 0 for o in below) >= 0.75 * len(below)
