@@ -1,7 +1,8 @@
 """``python -m advisor.phase_diagram``: probe a grid, label every probe, draw the diagram.
 
 Writes ``phase_diagram.json`` (points, measured boundary, the three theory edges) and
-``phase_diagram.png`` plus ``eigenvalue_flow.png`` in the Hydra run folder.
+``phase_diagram.png`` plus ``eigenvalue_flow.png`` in the Hydra run folder, and logs
+them to an MLflow parent run with one nested run per probe.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from advisor import plots
 from advisor.boundary import Boundary, TheoryEdges, distance_octaves, fit_boundary, theory_edges
@@ -25,6 +26,8 @@ from advisor.data import Dataset
 from advisor.errors import exit_on_config_error
 from advisor.phases import PHASES, Measures, Thresholds, label, measure_probes
 from advisor.probe import NetworkFactory, ProbeGrid, Probes, StackedData, run_probes
+from advisor.spectra import mean_spacing
+from advisor.tracking import Tracker, ui_command
 
 
 @dataclass
@@ -120,6 +123,21 @@ def draw(pm: PhaseMap, folder: Path, title: str) -> list[Path]:
     return [figure, flow]
 
 
+def log_probes(tracker: Tracker, pm: PhaseMap) -> None:
+    """One nested MLflow run per probe: its point, phase and step metrics."""
+    p = pm.probes
+    steps = p.snapshot_steps.tolist()
+    for i in range(len(p)):
+        params = {"sigma_w": p.sigma_w[i], "lr": p.lr[i], "batch_size": int(p.batch_size[i]), "seed": int(p.seed[i])}
+        with tracker.child(f"probe {i}", params=params, tags={"phase": pm.phases[i], "kind": "probe"}) as run:
+            series = {"heldout_loss": p.heldout_loss[:, i], "batch_loss": p.losses[i, np.minimum(np.maximum(p.snapshot_steps, 1), p.losses.shape[1]) - 1]}
+            for name, levels in p.spectra.items():
+                series[f"x_max.{name}"] = levels[:, i, 0]
+                series[f"x_min.{name}"] = levels[:, i, -1]
+                series[f"spacing.{name}"] = mean_spacing(levels[:, i])
+            run.log_series(series, steps)
+
+
 def _finite(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
@@ -144,13 +162,20 @@ def main(cfg: DictConfig) -> None:
     folder = Path(HydraConfig.get().runtime.output_dir)
     pm = phase_map_from_config(cfg)
     (folder / "phase_diagram.json").write_text(json.dumps(to_json(pm), indent=1))
-    draw(pm, folder, f"{cfg.model.name} on {cfg.dataset.name}, {pm.grid.steps} steps")
+    figures = draw(pm, folder, f"{cfg.model.name} on {cfg.dataset.name}, {pm.grid.steps} steps")
+    name = f"phase_diagram {cfg.model.name}-{cfg.dataset.name}-seed{cfg.seed}"
+    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, name, params=OmegaConf.to_container(cfg, resolve=True),
+                 tags={"kind": "phase_diagram"}) as tracker:
+        log_probes(tracker, pm)
+        for path in [folder / "phase_diagram.json", *figures]:
+            tracker.log_artifact(path)
     counts = ", ".join(f"{ph} {int((pm.phases == ph).sum())}" for ph in PHASES)
     rate = pm.grid.config_steps / pm.seconds
     print(f"{len(pm.probes)} probes x {pm.grid.steps} steps in {pm.seconds:.1f} s ({rate:,.0f} configuration-steps/s): {counts}")
     for s, t in zip(pm.boundary.sigma_w, pm.boundary.t_c):
         print(f"  sigma_w={s:<8g} measured T_c={t:.4g}")
     print(f"wrote {folder / 'phase_diagram.json'} and {folder / 'phase_diagram.png'}")
+    print(f"mlflow run {tracker.run_id}: {ui_command(tracker.uri)}")
 
 
 if __name__ == "__main__":

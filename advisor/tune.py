@@ -29,7 +29,7 @@ from advisor.config import build_network, load_dataset, probe_grid, train_settin
 from advisor.data import Dataset
 from advisor.errors import exit_on_config_error, require, require_choice
 from advisor.models import trainable_weights
-from advisor.phase_diagram import PhaseMap, draw, phase_map_from_config, to_json
+from advisor.phase_diagram import draw, log_probes, phase_map_from_config, to_json
 from advisor.plots import phase_diagram as draw_phase_diagram
 from advisor.probe import ProbeGrid
 from advisor.search import SearchSpace, SpectralPruner
@@ -228,21 +228,6 @@ def extra_params(cfg: DictConfig) -> tuple[dict, dict]:
     specs = OmegaConf.to_container(cfg.search.params, resolve=True)
     dists = {name: search.extra_distribution(name, spec) for name, spec in specs.items()}
     return dists, {name: spec["key"] for name, spec in specs.items()}
-
-
-def log_probes(tracker: Tracker, pm: PhaseMap) -> None:
-    """One nested MLflow run per probe: its point, phase and step metrics."""
-    p = pm.probes
-    steps = p.snapshot_steps.tolist()
-    for i in range(len(p)):
-        params = {"sigma_w": p.sigma_w[i], "lr": p.lr[i], "batch_size": int(p.batch_size[i]), "seed": int(p.seed[i])}
-        with tracker.child(f"probe {i}", params=params, tags={"phase": pm.phases[i], "kind": "probe"}) as run:
-            series = {"heldout_loss": p.heldout_loss[:, i], "batch_loss": p.losses[i, np.minimum(np.maximum(p.snapshot_steps, 1), p.losses.shape[1]) - 1]}
-            for name, levels in p.spectra.items():
-                series[f"x_max.{name}"] = levels[:, i, 0]
-                series[f"x_min.{name}"] = levels[:, i, -1]
-                series[f"spacing.{name}"] = mean_spacing(levels[:, i])
-            run.log_series(series, steps)
 
 
 def summary(advice: dict, folder: Path) -> str:

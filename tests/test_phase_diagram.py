@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
 
@@ -30,6 +31,11 @@ def test_teacher_student_diagram(tmp_path):
     assert doc["disorder_limit"]["rule"].startswith("tanh")
     for name in ("phase_diagram.png", "eigenvalue_flow.png"):
         assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("advisor").experiment_id], max_results=100)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and len(runs) == 1 + 24
+    assert {"phase_diagram.json", "phase_diagram.png"} <= {a.path for a in client.list_artifacts(parent[0].info.run_id)}
 
 
 def test_digits_mlp_diagram(tmp_path):
