@@ -125,11 +125,11 @@ class Boundary:
         return {
             "sigma_w": self.sigma_w.tolist(),
             "batch_size": self.batch_size.tolist(),
-            "lr_edge": _nan_to_none(self.lr_edge),
+            "lr_edge": nan_to_none(self.lr_edge),
             "censored": self.censored.tolist(),
             "confidence": self.confidence,
-            "t_c": _nan_to_none(self.t_c),
-            "lr_max": _nan_to_none(self.lr_max),
+            "t_c": nan_to_none(self.t_c),
+            "lr_max": nan_to_none(self.lr_max),
             "beyond": self.beyond,
             "disorder_limit": self.disorder_limit,
             "limit_phase": self.limit_phase,
@@ -191,7 +191,8 @@ def _scaling(table: EdgeTable) -> str:
     return "temperature" if spread_t < spread_lr else "lr"
 
 
-def _nan_to_none(a: np.ndarray) -> list:
+def nan_to_none(a: np.ndarray) -> list:
+    """``a.tolist()`` with NaN and inf as None (JSON)."""
     return np.where(np.isfinite(a), a, None).tolist()
 
 
@@ -214,13 +215,13 @@ class TheoryEdges:
     def to_dict(self) -> dict:
         return {
             "sigma_w": self.sigma_w.tolist(),
-            "t_c": _nan_to_none(self.t_c),
+            "t_c": nan_to_none(self.t_c),
             "t_c_censored": self.t_c_censored.tolist(),
-            "t_c_probes": _nan_to_none(self.t_c_probes),
-            "lambda_0": _nan_to_none(self.lambda_0),
-            "lazy_lr": _nan_to_none(self.lazy_lr),
-            "catapult_lr": _nan_to_none(self.catapult_lr),
-            "preactivation": _nan_to_none(self.preactivation),
+            "t_c_probes": nan_to_none(self.t_c_probes),
+            "lambda_0": nan_to_none(self.lambda_0),
+            "lazy_lr": nan_to_none(self.lazy_lr),
+            "catapult_lr": nan_to_none(self.catapult_lr),
+            "preactivation": nan_to_none(self.preactivation),
             "disorder_limit": self.disorder_limit,
             "disorder_rule": self.disorder_rule,
         }
@@ -229,7 +230,7 @@ class TheoryEdges:
 def distance_octaves(theory: np.ndarray, measured: np.ndarray) -> list:
     """``log2(theory / measured)`` per entry (None where either is missing)."""
     with np.errstate(all="ignore"):
-        return _nan_to_none(np.log2(np.asarray(theory, float) / np.asarray(measured, float)))
+        return nan_to_none(np.log2(np.asarray(theory, float) / np.asarray(measured, float)))
 
 
 def theory_edges(

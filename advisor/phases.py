@@ -20,11 +20,13 @@ Measured per probe (the late window is the last ``late_fraction`` of the probe):
 
 Rules, in order: ``divergent`` if the loss went non-finite or past the blow-up bound;
 ``frozen`` if the spectrum barely moved and the held-out loss did not fall below
-``plateau`` of its start; ``oscillatory`` if the spectrum moved but the held-out loss
-ended ``excess`` decades or more above the best probe of its group (noise-dominated:
-levels spread without learning, THEORY.md §6); ``convergent`` otherwise.
+``plateau`` of its start; ``oscillatory`` if the spectrum moved and either the held-out
+loss ended ``excess`` decades or more above the best probe of its group, or the levels
+keep spreading late (growth above ``spreading``) while the held-out loss no longer
+falls (trend above ``loss_trend``): noise-dominated, levels spread without learning
+(THEORY.md §6); ``convergent`` otherwise.
 
-Why these signals (measured on the teacher-student, 3000-step probes, README): at
+Why these signals (measured on the teacher-student, 3000- and 20000-step probes): at
 batch size 4 the batch loss and even the 128-input held-out loss fluctuate by tens of
 percent in *every* phase, and a student that starts tiny spreads its levels while it
 learns, so neither a late trend nor a late spectral growth rate separates the phases
@@ -88,16 +90,16 @@ def measure(
 ) -> Measures:
     """Signatures from batch losses ``(P, steps)``, spectra ``layer -> (S, P, n)`` and
     held-out losses ``(S, P)`` on ``snapshot_steps`` ``(S,)``, feature overlaps ``(P,)``;
-    ``groups`` ``(P,)`` says which probes share data and batch size (for ``loss_excess``)."""
+    ``groups`` ``(P,)`` says which probes differ only in learning rate (for ``loss_excess``)."""
     steps = losses.shape[1]
     window = late_fraction * (snapshot_steps[-1] - snapshot_steps[0])
     move, xmax_growth, spacing_growth = [], [], []
     with np.errstate(all="ignore"):
         for levels in spectra.values():
-            for v in (levels[..., 0].astype(np.float64), mean_spacing(levels)):
-                move.append(np.abs(np.log(v[-1] / v[0])))
-            xmax_growth.append(late_growth_rate(levels[..., 0], snapshot_steps, late_fraction) * window)
-            spacing_growth.append(late_growth_rate(mean_spacing(levels), snapshot_steps, late_fraction) * window)
+            top, spacing = levels[..., 0].astype(np.float64), mean_spacing(levels)
+            move += [np.abs(np.log(top[-1] / top[0])), np.abs(np.log(spacing[-1] / spacing[0]))]
+            xmax_growth.append(late_growth_rate(top, snapshot_steps, late_fraction) * window)
+            spacing_growth.append(late_growth_rate(spacing, snapshot_steps, late_fraction) * window)
         late = losses[:, int(round((1 - late_fraction) * steps)) :]
         final = heldout_loss[-3:].mean(0)
         final[diverged_at >= 0] = np.nan

@@ -32,7 +32,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
 
-from advisor.boundary import CONVERGENT, Boundary
+from advisor.boundary import CONVERGENT, Boundary, nan_to_none
 from advisor.errors import ConfigError, require, require_choice
 
 MODES = ("restricted", "constrained", "full")
@@ -59,8 +59,8 @@ class SearchSpace:
         doc = {"mode": self.mode, "distributions": {k: distribution_to_json(d) for k, d in self.distributions.items()}}
         if self.mode == "restricted":
             doc["lr"] = "u * lr_edge(batch_size, sigma_w), lr_edge = min(T_c(sigma_w) * batch_size, lr_max(sigma_w))"
-            doc["edge"] = {"sigma_w": self.boundary.sigma_w.tolist(), "t_c": _nan_none(self.boundary.t_c),
-                           "lr_max": _nan_none(self.boundary.lr_max)}
+            doc["edge"] = {"sigma_w": self.boundary.sigma_w.tolist(), "t_c": nan_to_none(self.boundary.t_c),
+                           "lr_max": nan_to_none(self.boundary.lr_max)}
         doc["extra_keys"] = self.extra_keys
         return doc
 
@@ -246,7 +246,3 @@ def inside_fraction(space: SearchSpace, trials: Sequence[FrozenTrial], k: int) -
                      "octaves_below_edge": None if math.isnan(octaves) else octaves})
     inside = sum(r["predicted_phase"] == CONVERGENT for r in rows)
     return {"top_k": len(rows), "inside": inside, "trials": rows}
-
-
-def _nan_none(a: np.ndarray) -> list:
-    return [None if not np.isfinite(v) else float(v) for v in a]
