@@ -46,6 +46,7 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     require(t.momentum >= 0, "train.momentum", ">= 0", t.momentum)
     require(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
     require_choice(t.device, "train.device", ("auto", "cpu", "cuda"))
+    require(t.device != "cuda" or torch.cuda.is_available(), "train.device", "auto or cpu here (no CUDA device)", t.device)
     return TrainSettings(
         float(t.lr), int(t.batch_size), int(t.steps), t.loss, float(t.momentum),
         float(t.weight_decay), resolve_device(t.device), DTYPES[t.dtype], float(t.blowup),

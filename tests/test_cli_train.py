@@ -28,6 +28,7 @@ def test_help_lists_the_groups(tmp_path):
         (["model.activation=gelu"], "error: model.activation must be one of tanh, relu, identity (got 'gelu')"),
         (["model=teacher_student"], "error: model=teacher_student needs dataset=teacher_student (got dataset=digits)"),
         (["train.loss=hinge"], "error: train.loss must be one of mse, cross_entropy (got 'hinge')"),
+        (["train.device=tpu"], "error: train.device must be one of auto, cpu, cuda (got 'tpu')"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_no_traceback(tmp_path, overrides, message):
