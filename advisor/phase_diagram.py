@@ -83,23 +83,21 @@ def to_json(pm: PhaseMap) -> dict:
         }
         for i in range(len(p))
     ]
-    b, th = pm.boundary, pm.theory
+    b, th = pm.boundary, pm.theory.to_dict()
     return {
         "grid": {"sigma_w": list(pm.grid.sigma_w), "lr": list(pm.grid.lr), "batch_size": list(pm.grid.batch_size),
                  "seeds": list(pm.grid.seeds), "steps": pm.grid.steps, "config_steps": pm.grid.config_steps},
         "seconds": pm.seconds,
         "phase_counts": {ph: int((pm.phases == ph).sum()) for ph in PHASES},
         "points": points,
-        "boundary": {**b.to_dict(), "sigma_w": b.sigma_w.tolist(), "t_c": b.to_dict()["t_c"]},
-        "theory": {"sigma_w": th.sigma_w.tolist(), "t_c": th.to_dict()["t_c"], "t_c_censored": th.t_c_censored.tolist(),
-                   "t_c_probes": th.to_dict()["t_c_probes"],
-                   "octaves_from_measured": distance_octaves(np.where(th.t_c_censored, np.nan, th.t_c), b.t_c)},
-        "curvature": {"sigma_w": th.sigma_w.tolist(), "lambda_0": th.to_dict()["lambda_0"],
-                      "lazy_lr": th.to_dict()["lazy_lr"], "catapult_lr": th.to_dict()["catapult_lr"],
-                      "octaves_from_measured": distance_octaves(th.catapult_lr, b.lr_max)},
+        "boundary": b.to_dict(),
+        "theory": {key: th[key] for key in ("sigma_w", "t_c", "t_c_censored", "t_c_probes")}
+        | {"octaves_from_measured": distance_octaves(np.where(pm.theory.t_c_censored, np.nan, pm.theory.t_c), b.t_c)},
+        "curvature": {key: th[key] for key in ("sigma_w", "lambda_0", "lazy_lr", "catapult_lr")}
+        | {"octaves_from_measured": distance_octaves(pm.theory.catapult_lr, b.lr_max)},
         "disorder_limit": {"measured": b.disorder_limit, "measured_phase": b.limit_phase,
-                           "theory": th.disorder_limit, "rule": th.disorder_rule,
-                           "preactivation_variance": th.to_dict()["preactivation"]},
+                           "theory": th["disorder_limit"], "rule": th["disorder_rule"],
+                           "preactivation_variance": th["preactivation"]},
     }
 
 

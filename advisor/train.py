@@ -152,7 +152,8 @@ def sgd(
         lp, grads = loss_and_grads(current, x[src, idx], targets[src, idx], lb, loss)
         losses[:, step] = lp
         bad = ~(lp <= blowup) & alive
-        if bad.any():
+        any_bad = bool(bad.any())
+        if any_bad:
             alive &= ~bad
             lr.masked_fill_(bad, 0.0)
         for i, (t, g) in enumerate(zip(params, grads)):
@@ -164,7 +165,7 @@ def sgd(
                 g = velocity[i]
             shape = (-1,) + (1,) * (t.ndim - 1)
             t.sub_(lr.view(shape) * g)
-            if bad.any():
+            if any_bad:
                 t.masked_fill_(bad.view(shape), 0.0)
         if observe:
             observe(step + 1, current)
